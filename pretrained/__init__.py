@@ -1,0 +1,1 @@
+"""The brat model, its losses and ablations, pretraining and checkpoint I/O."""

@@ -1,0 +1,1 @@
+"""Registers the brat encoder loaders with the harness."""

@@ -1,0 +1,1 @@
+"""Paper-ready tables and figures built from result records."""

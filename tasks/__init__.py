@@ -1,0 +1,1 @@
+"""Downstream task families that consume manifest rows and encoders and emit result records."""

@@ -1,0 +1,1 @@
+"""Registers the retrieval task with the harness."""
