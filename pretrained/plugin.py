@@ -1,1 +1,25 @@
-"""Registers the brat encoder loaders with the harness."""
+"""Registers the brat encoder loaders with the harness.
+
+``brat``: ``path=`` a checkpoint folder (ours or a converted release).
+``brat-random``: ``config=`` a config name and ``seed=``, a random initialisation.
+Heavy imports happen inside the loaders, so registration stays cheap.
+"""
+
+from harness.encoders import ENCODER_LOADERS
+
+
+def _load_brat(**kwargs):
+    from pretrained.encoder import load_brat
+
+    return load_brat(**kwargs)
+
+
+def _load_brat_random(**kwargs):
+    from pretrained.encoder import load_brat_random
+
+    return load_brat_random(**kwargs)
+
+
+for _name, _loader in (("brat", _load_brat), ("brat-random", _load_brat_random)):
+    if _name not in ENCODER_LOADERS:
+        ENCODER_LOADERS.register(_name, _loader)

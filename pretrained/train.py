@@ -1,0 +1,985 @@
+"""brat pretraining: a YAML config, a data-parallel training loop and exact resumption.
+
+Run it with ``brat-harness pretrain CONFIG.yaml`` (one process) or
+``torchrun --nproc-per-node N -m harness.cli pretrain CONFIG.yaml`` (data-parallel with
+torch DDP: ``gloo`` on CPU, ``nccl`` on GPU).
+
+Data parallelism: every process embeds its own ``batch_size`` studies, and views,
+sentence embeddings and masks are all-gathered with gradients
+(:func:`pretrained.losses.gather_features`), so the contrastive negatives span the
+global batch of ``batch_size * world_size`` studies. Each process scores its own studies
+and their reports against the global batch, and DDP averages the gradients, which gives
+the gradient of the loss over the global batch. BatchNorm statistics stay per process
+(DDP's default), so batch statistics come from the local ``batch_size`` studies and the
+running statistics of rank 0 are broadcast at every forward pass. ``sync_batchnorm:
+true`` switches to ``SyncBatchNorm``, which torch implements for GPUs only.
+
+Output folder:
+
+- ``checkpoint-last/``: checkpoint folder (:func:`pretrained.checkpoint.save_checkpoint`)
+  of the latest weights, written every ``checkpoint_every`` steps, at every epoch end
+  and when training finishes. :func:`pretrain` returns it.
+- ``best/``: the epoch-end weights with the highest validation image-to-report R@5
+  (the earlier epoch wins a tie).
+- ``training-state.pt``: everything ``--resume`` needs (weights, optimizer, scheduler,
+  step, epoch, batches done in the epoch, RNG states of every process, metric records),
+  written together with ``checkpoint-last/``.
+- ``metrics.jsonl``: one record per ``log_every`` steps (``kind: step``) and per epoch
+  (``kind: epoch``, with validation recall@k).
+- ``train_config.json``: the validated config; a resume with different settings fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from harness.io import atomic_path, write_json_atomic, write_text_atomic
+from pretrained.config import BratConfig, get_config
+from pretrained.data import (
+    PretrainingDataset,
+    SentenceFeatureCache,
+    array_folder_for,
+    collate_studies,
+    load_split_records,
+    preprocess_for_training,
+    seed_worker,
+)
+from pretrained.losses import OBJECTIVES, build_loss, gather_features
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "training-state.pt"
+LAST_CHECKPOINT = "checkpoint-last"
+BEST_CHECKPOINT = "best"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "train_config.json"
+STATE_FORMAT = 1
+BEST_METRIC = "val/i2t/R@5"
+RECALL_KS = (1, 5, 10)
+
+# Settings that change speed or logging but not the trained weights; a resume may change them.
+_RUNTIME_KEYS = ("num_workers", "threads", "progress", "log_every", "preprocess_workers", "output", "cache_dir")
+
+
+class PretrainConfigError(ValueError):
+    """An invalid pretraining config; the message names the file, the key and the value."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class PretrainConfig:
+    """A validated pretraining config (see :func:`parse_pretrain_config` for the YAML keys).
+
+    ``batch_size`` is per process; the contrastive batch is ``batch_size * world_size``.
+    """
+
+    manifest: Path
+    output: Path
+    model: str = "brat-tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    objective: str | None = None
+    dpp_weight: float = 0.1
+    temperature_init: float = 0.07
+    temperature_min: float = 0.001
+    temperature_max: float = 0.5
+    name: str = "pretrain"
+    train_split: str = "train"
+    val_split: str = "val"
+    preprocessing: str | None = None
+    cache_dir: Path | None = None
+    preprocess_workers: int = 2
+    seed: int = 0
+    epochs: int = 1
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-8
+    warmup_steps: int | None = None
+    warmup_fraction: float | None = None
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    checkpoint_every: int | None = None
+    log_every: int = 10
+    num_workers: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    sync_batchnorm: bool = False
+    progress: bool = True
+    source: str = field(default="config", compare=False)
+
+    def brat_config(self) -> BratConfig:
+        """Return the model config: the named config with overrides and the objective applied."""
+        overrides = dict(self.model_overrides)
+        if self.objective is not None:
+            overrides["objective"] = self.objective
+        return get_config(self.model, **overrides)
+
+    @property
+    def spec_name(self) -> str:
+        return self.preprocessing or self.brat_config().preprocessing
+
+    @property
+    def preprocessed_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.output / "preprocessed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config in the YAML layout (JSON-ready)."""
+        data = {
+            "name": self.name, "model": self.model, "model_overrides": dict(self.model_overrides),
+            "objective": self.objective, "dpp_weight": self.dpp_weight,
+            "temperature": {"init": self.temperature_init, "min": self.temperature_min, "max": self.temperature_max},
+            "manifest": str(self.manifest), "output": str(self.output),
+            "train_split": self.train_split, "val_split": self.val_split, "preprocessing": self.preprocessing,
+            "cache_dir": None if self.cache_dir is None else str(self.cache_dir),
+            "preprocess_workers": self.preprocess_workers, "seed": self.seed, "epochs": self.epochs,
+            "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+            "optimizer": {"lr": self.lr, "weight_decay": self.weight_decay, "betas": list(self.betas), "eps": self.adam_eps},
+            "scheduler": {"warmup_steps": self.warmup_steps, "warmup_fraction": self.warmup_fraction,
+                          "min_lr_ratio": self.min_lr_ratio},
+            "grad_clip": self.grad_clip, "checkpoint_every": self.checkpoint_every, "log_every": self.log_every,
+            "num_workers": self.num_workers, "threads": self.threads, "device": self.device,
+            "precision": self.precision, "sync_batchnorm": self.sync_batchnorm, "progress": self.progress,
+        }  # fmt: skip
+        return json.loads(json.dumps(data))
+
+    def digest(self) -> str:
+        """SHA-256 of the settings that determine the trained weights (runtime settings excluded)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_KEYS}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class _ConfigReader:
+    """Typed access to one mapping of a config, with errors that name the file and the key."""
+
+    def __init__(self, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+        self.data, self.source, self.prefix = data, source, prefix
+
+    def fail(self, key: str, value: Any, expected: str) -> NoReturn:
+        raise PretrainConfigError(f"{self.source}: key {self.prefix + key!r}: invalid value {value!r}; expected {expected}")
+
+    def check_keys(self, known: tuple[str, ...]) -> None:
+        unknown = sorted(set(self.data) - set(known))
+        if unknown:
+            raise PretrainConfigError(
+                f"{self.source}: unknown key(s) {[self.prefix + k for k in unknown]}; known keys: {sorted(known)}"
+            )
+
+    def number(self, key: str, default: float | None, low: float | None = None, high: float | None = None,
+               low_open: bool = False, optional: bool = False) -> float | None:  # fmt: skip
+        value = self.data.get(key, default)
+        if value is None and optional:
+            return None
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1 and reads 3e-4 (no dot) as a string.
+            try:
+                value = float(value)
+            except ValueError:
+                self.fail(key, value, "a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(key, value, "a number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            bounds = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+            bounds += f"{' and ' if bounds else ''}<= {high}" if high is not None else ""
+            self.fail(key, value, f"a number {bounds}")
+        return float(value)
+
+    def integer(self, key: str, default: int | None, low: int, optional: bool = False) -> int | None:
+        value = self.data.get(key, default)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            self.fail(key, value, f"an integer >= {low}")
+        return int(value)
+
+    def string(self, key: str, default: str | None, choices: tuple[str, ...] | None = None,
+               optional: bool = False) -> str | None:  # fmt: skip
+        value = self.data.get(key, default)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            self.fail(key, value, "a non-empty string" if choices is None else f"one of {list(choices)}")
+        if choices is not None and value not in choices:
+            self.fail(key, value, f"one of {list(choices)}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(key, value, "true or false")
+        return value
+
+    def mapping(self, key: str) -> _ConfigReader:
+        value = self.data.get(key) or {}
+        if not isinstance(value, Mapping):
+            self.fail(key, value, "a mapping")
+        return _ConfigReader(value, self.source, f"{self.prefix}{key}.")
+
+    def path(self, key: str, base_dir: Path, optional: bool = False) -> Path | None:
+        value = self.data.get(key)
+        if value is None and optional:
+            return None
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            self.fail(key, value, "a path (relative paths start at the config file's folder)")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base_dir / path)
+
+
+_TOP_KEYS = (
+    "name", "model", "config", "model_overrides", "objective", "dpp_weight", "temperature", "manifest", "output",
+    "train_split", "val_split", "preprocessing", "cache_dir", "preprocess_workers", "seed", "epochs", "batch_size",
+    "eval_batch_size", "optimizer", "scheduler", "grad_clip", "checkpoint_every", "log_every", "num_workers",
+    "threads", "device", "precision", "sync_batchnorm", "progress",
+)  # fmt: skip
+
+
+def parse_pretrain_config(data: Mapping[str, Any], source: str = "config", base_dir: Path | None = None) -> PretrainConfig:
+    """Validate a config mapping (parsed YAML) and return a :class:`PretrainConfig`.
+
+    ``config`` is accepted as another name for ``model`` (suite files use it). Relative
+    paths resolve against ``base_dir`` (default: the working directory).
+
+    Raises:
+        PretrainConfigError: naming ``source``, the key and the value.
+    """
+    if not isinstance(data, Mapping):
+        raise PretrainConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    base_dir = Path.cwd() if base_dir is None else base_dir
+    read = _ConfigReader(data, source)
+    read.check_keys(_TOP_KEYS)
+    if "model" in data and "config" in data:
+        read.fail("config", data["config"], "either 'model' or 'config' (the same setting), not both")
+    if "manifest" not in data:
+        raise PretrainConfigError(f"{source}: missing key 'manifest' (path of the study manifest)")
+    if "output" not in data:
+        raise PretrainConfigError(f"{source}: missing key 'output' (folder for checkpoints and metrics), or pass --out")
+
+    model_key = "config" if "config" in data else "model"
+    optimizer, scheduler, temperature = read.mapping("optimizer"), read.mapping("scheduler"), read.mapping("temperature")
+    optimizer.check_keys(("lr", "weight_decay", "betas", "eps"))
+    scheduler.check_keys(("warmup_steps", "warmup_fraction", "min_lr_ratio"))
+    temperature.check_keys(("init", "min", "max"))
+    overrides = data.get("model_overrides") or {}
+    if not isinstance(overrides, Mapping):
+        read.fail("model_overrides", overrides, "a mapping of model config fields")
+
+    config = PretrainConfig(
+        manifest=read.path("manifest", base_dir),
+        output=read.path("output", base_dir),
+        model=read.string(model_key, "brat-tiny"),
+        model_overrides=dict(overrides),
+        objective=read.string("objective", None, OBJECTIVES, optional=True),
+        dpp_weight=read.number("dpp_weight", 0.1, low=0.0),
+        temperature_init=temperature.number("init", 0.07, low=0.0, low_open=True),
+        temperature_min=temperature.number("min", 0.001, low=0.0, low_open=True),
+        temperature_max=temperature.number("max", 0.5, low=0.0, low_open=True),
+        name=read.string("name", Path(source).stem if source.endswith((".yaml", ".yml")) else "pretrain"),
+        train_split=read.string("train_split", "train"),
+        val_split=read.string("val_split", "val"),
+        preprocessing=read.string("preprocessing", None, optional=True),
+        cache_dir=read.path("cache_dir", base_dir, optional=True),
+        preprocess_workers=read.integer("preprocess_workers", 2, 1),
+        seed=read.integer("seed", 0, 0),
+        epochs=read.integer("epochs", 1, 1),
+        batch_size=read.integer("batch_size", 8, 2),
+        eval_batch_size=read.integer("eval_batch_size", 16, 1),
+        lr=optimizer.number("lr", 1e-4, low=0.0, low_open=True),
+        weight_decay=optimizer.number("weight_decay", 0.05, low=0.0),
+        betas=_betas(optimizer),
+        adam_eps=optimizer.number("eps", 1e-8, low=0.0, low_open=True),
+        warmup_steps=scheduler.integer("warmup_steps", None, 0, optional=True),
+        warmup_fraction=scheduler.number("warmup_fraction", None, low=0.0, high=1.0, optional=True),
+        min_lr_ratio=scheduler.number("min_lr_ratio", 0.0, low=0.0, high=1.0),
+        grad_clip=read.number("grad_clip", 1.0, low=0.0, low_open=True, optional=True),
+        checkpoint_every=read.integer("checkpoint_every", None, 1, optional=True),
+        log_every=read.integer("log_every", 10, 1),
+        num_workers=read.integer("num_workers", 0, 0),
+        threads=read.integer("threads", None, 1, optional=True),
+        device=_device_name(read),
+        precision=read.string("precision", "auto", ("auto", "fp32", "bf16")),
+        sync_batchnorm=read.boolean("sync_batchnorm", False),
+        progress=read.boolean("progress", True),
+        source=source,
+    )
+    _check_cross_fields(config, read, scheduler, model_key)
+    return config
+
+
+def _betas(optimizer: _ConfigReader) -> tuple[float, float]:
+    value = optimizer.data.get("betas", [0.9, 0.98])
+    valid = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value
+    )
+    if not valid:
+        optimizer.fail("betas", value, "two numbers in [0, 1), e.g. [0.9, 0.98]")
+    return float(value[0]), float(value[1])
+
+
+def _device_name(read: _ConfigReader) -> str:
+    value = read.string("device", "auto")
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        read.fail("device", value, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return value
+
+
+def _check_cross_fields(config: PretrainConfig, read: _ConfigReader, scheduler: _ConfigReader, model_key: str) -> None:
+    """Check settings that depend on each other: model config, spec, temperatures, warm-up."""
+    from harness.preprocessing import get_spec
+
+    if config.warmup_steps is not None and config.warmup_fraction is not None:
+        scheduler.fail("warmup_fraction", config.warmup_fraction, "either warmup_steps or warmup_fraction, not both")
+    if not config.temperature_min <= config.temperature_init <= config.temperature_max:
+        read.fail("temperature", read.data.get("temperature"), "min <= init <= max")
+    try:
+        brat = config.brat_config()
+    except KeyError as error:
+        read.fail(model_key, config.model, f"a model config name ({error.args[0]})")
+    except (TypeError, ValueError) as error:
+        read.fail("model_overrides", config.model_overrides, f"valid model config fields ({error})")
+    try:
+        spec = get_spec(config.spec_name)
+    except KeyError as error:
+        read.fail("preprocessing", config.spec_name, f"a registered preprocessing spec ({error.args[0]})")
+    if tuple(spec.spatial_size) != tuple(brat.image_size) or tuple(spec.sequences) != tuple(brat.sequences):
+        read.fail(
+            "preprocessing", config.spec_name,
+            f"a spec with spatial_size {list(brat.image_size)} and sequences {list(brat.sequences)} as model "
+            f"{brat.name!r} needs (spec {spec.name!r} has {list(spec.spatial_size)} and {list(spec.sequences)})",
+        )  # fmt: skip
+
+
+def load_pretrain_config(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> PretrainConfig:
+    """Read and validate a pretraining YAML file; ``output`` replaces the file's ``output`` key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise PretrainConfigError(f"{path}: invalid YAML: {error}") from None
+    if isinstance(data, dict) and output is not None:
+        data = dict(data, output=str(Path(output).absolute()))
+    return parse_pretrain_config(data, source=str(path), base_dir=path.parent.absolute())
+
+
+# --------------------------------------------------------------------------- processes and seeds
+
+
+@dataclass
+class DistributedContext:
+    """Rank, world size and device of this process; ``owns_group`` is True when this module created the group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def setup_distributed(device: str = "auto") -> DistributedContext:
+    """Join the process group that ``torchrun`` describes in the environment, or use one already set up.
+
+    Without ``WORLD_SIZE > 1`` in the environment and no initialised group, this is a
+    single process. The backend is ``nccl`` when the device is CUDA and ``gloo`` otherwise.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was requested but CUDA is not available; set device: cpu or auto")
+    target = torch.device(device if ":" in device else f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(target)
+
+    owns_group = False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+        owns_group = True
+    if dist.is_initialized():
+        return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, target, owns_group)
+    return DistributedContext(device=target)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Return the RNG states of python, numpy and torch as tensors and plain values."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
+    ))  # fmt: skip
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- model, loss and optimiser
+
+
+def project_sentence_features(model: nn.Module, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``text_proj`` to cached text-encoder features as :meth:`BratModel.encode_sentences` does.
+
+    Args:
+        features: ``(B, S, H)`` sentence features of the frozen text encoder, zero at padding.
+        mask: ``(B, S)`` bool.
+
+    Returns:
+        sentences ``(B, S, D)`` unit-norm and zero at padding, and the mask; ``S = 1`` for
+        single-view models (the re-normalised sum of the sentence embeddings).
+    """
+    sentences = nn.functional.normalize(model.text_proj(features), dim=-1)
+    sentences = sentences * mask.unsqueeze(-1).to(sentences.dtype)
+    if model.config.single_view:
+        sentences = nn.functional.normalize(sentences.sum(dim=1, keepdim=True), dim=-1)
+        mask = mask.any(dim=1, keepdim=True)
+    return sentences, mask
+
+
+class PretrainingModule(nn.Module):
+    """The brat model and its loss in one module, so that DDP synchronises the temperature too.
+
+    ``forward(batch)`` embeds the local batch, all-gathers the embeddings and returns the
+    loss components of this process's studies (see :class:`pretrained.losses.BratLoss`).
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.autocast_dtype = autocast_dtype
+
+    def embed(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Embed a collated batch; returns float32 ``views (B, Q, D)``, ``attention (B, Q, L)``,
+        ``sentences (B, S, D)`` and ``sentence_mask (B, S)``."""
+        images = batch["images"]
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+            image = self.model.encode_image(images)
+            if "features" in batch:
+                sentences, mask = project_sentence_features(self.model, batch["features"], batch["sentence_mask"])
+            else:
+                sentences, mask = self.model.encode_sentences(batch["sentences"])
+        return {
+            "views": image.views.float(),
+            "attention": image.attention.float(),
+            "sentences": sentences.float(),
+            "sentence_mask": mask,
+        }
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        local = self.embed(batch)
+        views, sentences, mask, rows = gather_features(local["views"], local["sentences"], local["sentence_mask"])
+        owned = rows if views.shape[0] != local["views"].shape[0] else None
+        return self.criterion(views, sentences, mask, attention=local["attention"], rows=owned)
+
+
+def build_optimizer(module: nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay applies to matrices and other tensors with 2+ dims only."""
+    decay, no_decay = [], []
+    for _, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps)
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear from ``1 / (warmup_steps + 1)`` to 1 over the warm-up, then cosine to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: PretrainConfig, total_steps: int):
+    if config.warmup_steps is not None:
+        warmup = config.warmup_steps
+    else:
+        warmup = int(round((config.warmup_fraction or 0.0) * total_steps))
+    factor = functools.partial(warmup_cosine_factor, warmup_steps=warmup, total_steps=total_steps,
+                               min_ratio=config.min_lr_ratio)  # fmt: skip
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- data and evaluation
+
+
+@dataclass
+class TrainingData:
+    """The train and validation datasets of one run."""
+
+    train: PretrainingDataset
+    val: PretrainingDataset
+
+
+def prepare_data(config: PretrainConfig, brat: BratConfig, model: nn.Module, context: DistributedContext) -> TrainingData:
+    """Preprocess the manifest and cache sentence features on the main process, then load both splits everywhere.
+
+    Sentence features are cached when the model's text encoder is frozen (``text_path:
+    hf`` with ``text_frozen: true``); otherwise batches carry sentence text.
+    """
+    cache_features = brat.text_path == "hf" and brat.text_frozen
+    if context.is_main:
+        preprocess_for_training(config.manifest, config.spec_name, config.preprocessed_dir,
+                                workers=config.preprocess_workers, progress=config.progress)  # fmt: skip
+    context.barrier()
+
+    folder = array_folder_for(config.preprocessed_dir, config.spec_name)
+    train_records = load_split_records(config.manifest, config.train_split, folder)
+    val_records = load_split_records(config.manifest, config.val_split, folder)
+    feature_cache = None
+    if cache_features:
+        from pretrained.checkpoint import referenced_text_encoder_digest
+
+        digest = referenced_text_encoder_digest(brat.text_encoder)
+        if context.is_main:
+            sentences = [s for record in (*train_records, *val_records) for s in record.sentences]
+            SentenceFeatureCache(config.preprocessed_dir, digest, brat.text_max_length).update(
+                sentences, model.text_encoder
+            )
+        context.barrier()
+        feature_cache = SentenceFeatureCache(config.preprocessed_dir, digest, brat.text_max_length)
+    return TrainingData(PretrainingDataset(train_records, feature_cache), PretrainingDataset(val_records, feature_cache))
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: nn.Module, dataset: PretrainingDataset, batch_size: int, device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Embed every study of ``dataset`` in eval mode.
+
+    Returns float32 CPU tensors ``views (N, Q, D)``, ``attention (N, Q, L)``,
+    ``sentences (N, S_max, D)`` and ``sentence_mask (N, S_max)``, in dataset order.
+    """
+    from torch.utils.data import DataLoader
+
+    from harness.scoring import pad_sentences
+
+    was_training = model.training
+    model.eval()
+    module = PretrainingModule(model, nn.Identity(), autocast_dtype)
+    views, attention, reports = [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_studies)
+    for batch in loader:
+        batch = _to_device(batch, device)
+        output = module.embed(batch)
+        views.append(output["views"].cpu())
+        attention.append(output["attention"].cpu())
+        for row, mask in zip(output["sentences"].cpu(), output["sentence_mask"].cpu(), strict=True):
+            reports.append(row[mask])
+    model.train(was_training)
+    sentences, sentence_mask = pad_sentences(reports)
+    return {"views": torch.cat(views), "attention": torch.cat(attention), "sentences": sentences,
+            "sentence_mask": sentence_mask}  # fmt: skip
+
+
+def retrieval_values(embeddings: Mapping[str, torch.Tensor], scorer: str) -> dict[str, float]:
+    """Image-to-report and report-to-image recall@k, median and mean rank with the model's scorer."""
+    from harness.scoring import SCORERS
+    from tasks.retrieval.metrics import retrieval_metrics
+
+    scores = SCORERS.get(scorer)(embeddings["views"], embeddings["sentences"], embeddings["sentence_mask"])
+    return retrieval_metrics(scores, ks=RECALL_KS).values
+
+
+def mean_view_cosine(views: torch.Tensor) -> float:
+    """Mean cosine similarity between different views of the same study.
+
+    Args:
+        views: ``(N, Q, D)`` unit-norm views with ``Q >= 2``.
+
+    Returns:
+        The mean over studies and over the ``Q * (Q - 1)`` ordered view pairs.
+    """
+    n_views = views.shape[1]
+    if n_views < 2:
+        raise ValueError(f"views has Q={n_views}; the view cosine needs at least 2 views per study")
+    similarity = views @ views.transpose(1, 2)  # (N, Q, Q)
+    off_diagonal = similarity.sum(dim=(1, 2)) - similarity.diagonal(dim1=1, dim2=2).sum(dim=1)
+    return float((off_diagonal / (n_views * (n_views - 1))).mean())
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- training loop
+
+StepCallback = Callable[[int], None]
+
+
+class Trainer:
+    """One pretraining run: builds the model, data and optimiser, trains, checkpoints and resumes.
+
+    Use :func:`train`; the class keeps the loop's state (step, epoch, running sums,
+    records) in one place so that checkpoints can store all of it.
+    """
+
+    def __init__(self, config: PretrainConfig, context: DistributedContext) -> None:
+        from pretrained.model import build_model
+
+        self.config, self.context = config, context
+        self.brat = config.brat_config()
+        self.output = config.output
+        self.autocast_dtype = _autocast_dtype(config.precision, context.device)
+        model = build_model(self.brat, seed=config.seed)
+        self.data = prepare_data(config, self.brat, model, context)
+        criterion = build_loss(
+            self.brat.objective, dpp_weight=config.dpp_weight, init_temperature=config.temperature_init,
+            min_temperature=config.temperature_min, max_temperature=config.temperature_max,
+        )  # fmt: skip
+        self.module = PretrainingModule(model, criterion, self.autocast_dtype).to(context.device)
+        self.parallel = self._wrap(self.module)
+        self.optimizer = build_optimizer(self.module, config)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.epoch_sums: dict[str, float] = {}
+        self.epoch_count = 0
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.records: list[dict[str, Any]] = []
+        self.finished = False
+        self.started = time.perf_counter()
+
+    @property
+    def model(self) -> nn.Module:
+        return self.module.model
+
+    def _wrap(self, module: PretrainingModule) -> nn.Module:
+        if not self.context.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.config.sync_batchnorm:
+            if self.context.device.type != "cuda":
+                raise PretrainConfigError(f"{self.config.source}: key 'sync_batchnorm': torch implements SyncBatchNorm "
+                                          "for CUDA devices only; set it to false on the CPU")  # fmt: skip
+            module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model)
+        # find_unused_parameters: some trainable tensors take no gradient in a step, e.g. the
+        # DenseNet class_layers and the Q-Former's text-only feed-forward blocks.
+        device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+
+    def _steps_per_epoch(self) -> int:
+        global_batch = self.config.batch_size * self.context.world_size
+        steps = len(self.data.train) // global_batch
+        if steps < 1:
+            raise PretrainConfigError(
+                f"{self.config.source}: key 'batch_size': {self.config.batch_size} per process x "
+                f"{self.context.world_size} processes = {global_batch} exceeds the {len(self.data.train)} "
+                f"training studies of split {self.config.train_split!r}; lower batch_size"
+            )
+        return steps
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, on_step: StepCallback | None = None) -> Path:
+        logger.info(
+            "pretraining %s: objective %s, %d train / %d val studies, %d processes x batch %d, %d steps "
+            "(%d epochs), device %s, %d threads",
+            self.brat.name, self.brat.objective, len(self.data.train), len(self.data.val), self.context.world_size,
+            self.config.batch_size, self.total_steps, self.config.epochs, self.context.device, torch.get_num_threads(),
+        )  # fmt: skip
+        while self.epoch < self.config.epochs:
+            self._train_epoch(on_step)
+            self._end_epoch()
+        self.finished = True
+        self.save()
+        logger.info("pretraining finished after %d steps in %.1f s", self.step, time.perf_counter() - self.started)
+        return self.output / LAST_CHECKPOINT
+
+    def _train_epoch(self, on_step: StepCallback | None) -> None:
+        from tqdm import tqdm
+
+        self.module.train()
+        loader = self._loader()
+        bar = tqdm(loader, total=self.steps_per_epoch, initial=self.batch_in_epoch, unit="step",
+                   desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                   disable=not (self.config.progress and self.context.is_main))  # fmt: skip
+        for batch in bar:
+            values = self._train_step(batch)
+            self.step += 1
+            self.batch_in_epoch += 1
+            self.epoch_count += 1
+            for key, value in values.items():
+                self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + value
+            bar.set_postfix({key: f"{value:.4g}" for key, value in values.items()})
+            if self.step % self.config.log_every == 0:
+                self.records.append({"kind": "step", "epoch": self.epoch + 1, "step": self.step,
+                                     "lr": self.scheduler.get_last_lr()[0], **values})  # fmt: skip
+            if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                self.save()
+            if on_step is not None:
+                on_step(self.step)
+        bar.close()
+
+    def _loader(self):
+        from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+        sampler = DistributedSampler(
+            self.data.train, num_replicas=self.context.world_size, rank=self.context.rank,
+            shuffle=True, seed=self.config.seed, drop_last=True,
+        )  # fmt: skip
+        sampler.set_epoch(self.epoch)
+        # Resuming mid-epoch skips the batches already done; the order is the same as before.
+        indices = list(sampler)[self.batch_in_epoch * self.config.batch_size :]
+        batches = BatchSampler(indices, self.config.batch_size, drop_last=True)
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.epoch)
+        return DataLoader(
+            self.data.train, batch_sampler=batches, collate_fn=collate_studies, num_workers=self.config.num_workers,
+            worker_init_fn=seed_worker, generator=generator, pin_memory=self.context.device.type == "cuda",
+        )  # fmt: skip
+
+    def _train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        outputs = self.parallel(_to_device(batch, self.context.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs["loss"].backward()
+        if self.config.grad_clip is not None:
+            trainable = [p for p in self.module.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return self._reduce_for_logging(outputs)
+
+    def _reduce_for_logging(self, outputs: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Average the loss components over processes; each process holds the loss of its own studies."""
+        names = sorted(outputs)
+        values = torch.stack([outputs[name].detach().float() for name in names])
+        if self.context.enabled:
+            dist.all_reduce(values)
+            values /= self.context.world_size
+        return {name: float(value) for name, value in zip(names, values.tolist(), strict=True)}
+
+    def _end_epoch(self) -> None:
+        record: dict[str, Any] = {
+            "kind": "epoch", "epoch": self.epoch + 1, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
+            **{f"train/{key}": total / max(1, self.epoch_count) for key, total in self.epoch_sums.items()},
+        }  # fmt: skip
+        improved = False
+        if self.context.is_main:
+            embeddings = embed_dataset(self.model, self.data.val, self.config.eval_batch_size, self.context.device,
+                                       self.autocast_dtype)  # fmt: skip
+            record.update({f"val/{key}": value for key, value in retrieval_values(embeddings, self.brat.scorer).items()})
+            if not self.brat.single_view:
+                record["val/view_cosine"] = mean_view_cosine(embeddings["views"])
+            improved = self.best_value is None or record[BEST_METRIC] > self.best_value
+            if improved:
+                self.best_value, self.best_epoch = record[BEST_METRIC], self.epoch + 1
+            logger.info(
+                "epoch %d/%d: loss %.4f, val i2t R@1 %.3f R@5 %.3f, t2i R@5 %.3f (%d studies)",
+                self.epoch + 1, self.config.epochs, record.get("train/loss", float("nan")), record["val/i2t/R@1"],
+                record[BEST_METRIC], record["val/t2i/R@5"], len(self.data.val),
+            )  # fmt: skip
+        self.context.barrier()
+        self.records.append(record)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_sums, self.epoch_count = {}, 0
+        self.save(best=improved)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, best: bool = False) -> None:
+        """Write ``checkpoint-last/``, the training state and ``metrics.jsonl`` (and ``best/`` when ``best``).
+
+        Every process must call this at the same step: the RNG states of all processes
+        are gathered into the state file.
+        """
+        from pretrained.checkpoint import save_checkpoint
+
+        rng_states = [capture_rng_state()]
+        if self.context.enabled:
+            rng_states = [None] * self.context.world_size
+            dist.all_gather_object(rng_states, capture_rng_state())
+        if not self.context.is_main:
+            return
+
+        metadata = {"run": self.config.name, "objective": self.brat.objective, "step": self.step,
+                    "epoch": self.epoch, "finished": self.finished, "best_epoch": self.best_epoch,
+                    "best_" + BEST_METRIC.replace("/", "_"): self.best_value}  # fmt: skip
+        save_checkpoint(self.model, self.output / LAST_CHECKPOINT, extra=metadata)
+        if best:
+            save_checkpoint(self.model, self.output / BEST_CHECKPOINT, extra=metadata)
+        state = {
+            "format": STATE_FORMAT, "config_digest": self.config.digest(), "world_size": self.context.world_size,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "epoch_sums": dict(self.epoch_sums), "epoch_count": self.epoch_count,
+            "best_value": self.best_value, "best_epoch": self.best_epoch, "finished": self.finished,
+            "records": list(self.records), "rng": rng_states,
+            "model": {k: v.detach().cpu() for k, v in self.model.checkpoint_state_dict().items()},
+            "criterion": self.module.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        }  # fmt: skip
+        with atomic_path(self.output / STATE_FILE) as tmp:
+            torch.save(state, tmp)
+        lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in self.records)
+        write_text_atomic(self.output / METRICS_FILE, lines)
+        logger.info("saved checkpoint at step %d (epoch %d) to %s", self.step, self.epoch, self.output)
+
+    def load_state(self, path: Path) -> None:
+        """Restore a training state written by :meth:`save`, including this process's RNG state."""
+        from pretrained.checkpoint import load_state_strict
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path}: training state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        if state["world_size"] != self.context.world_size:
+            raise ValueError(
+                f"{path}: saved with {state['world_size']} processes but this run has {self.context.world_size}; "
+                "resume with the same number of processes, because the data order depends on it"
+            )
+        load_state_strict(self.model, state["model"], source=str(path))
+        self.module.criterion.load_state_dict(state["criterion"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.epoch_sums, self.epoch_count = dict(state["epoch_sums"]), state["epoch_count"]
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.records, self.finished = list(state["records"]), state["finished"]
+        restore_rng_state(state["rng"][self.context.rank])
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch + 1,
+                    self.batch_in_epoch)  # fmt: skip
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (``auto`` or ``bf16``); the CPU always trains in float32."""
+    if device.type != "cuda":
+        if precision == "bf16":
+            logger.warning("precision bf16 applies to CUDA devices only; training in float32 on %s", device)
+        return None
+    return None if precision == "fp32" else torch.bfloat16
+
+
+def _default_threads(context: DistributedContext) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
+    return max(1, cores // max(1, local_processes))
+
+
+def _prepare_output(config: PretrainConfig, resume: bool, context: DistributedContext) -> bool:
+    """Check the output folder against ``resume``; return True when a finished run is there already."""
+    state_path = config.output / STATE_FILE
+    if state_path.is_file() and not resume:
+        raise FileExistsError(
+            f"{config.output} already holds a training run ({STATE_FILE}); pass --resume to continue it "
+            "or choose another output folder (--out)"
+        )
+    config_path = config.output / CONFIG_FILE
+    if resume and config_path.is_file():
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        current = config.to_dict()
+        changed = sorted(k for k in set(saved) | set(current) if k not in _RUNTIME_KEYS and saved.get(k) != current.get(k))
+        if changed:
+            raise PretrainConfigError(
+                f"{config.source}: cannot resume the run in {config.output}: settings {changed} differ from "
+                f"{config_path}; restore them or start a new run in another output folder"
+            )
+    if context.is_main:
+        write_json_atomic(config_path, config.to_dict())
+    metadata = config.output / LAST_CHECKPOINT / "metadata.json"
+    return resume and metadata.is_file() and bool(json.loads(metadata.read_text(encoding="utf-8")).get("finished"))
+
+
+def train(config: PretrainConfig, resume: bool = False, on_step: StepCallback | None = None) -> Path:
+    """Pretrain a brat model as ``config`` says and return the ``checkpoint-last`` folder.
+
+    Args:
+        config: a validated config (:func:`load_pretrain_config`).
+        resume: continue the run in ``config.output`` from its training state; without a
+            state there this starts a new run. A finished run returns at once.
+        on_step: called with the global step after every optimiser step (tests use it to
+            interrupt a run).
+
+    Raises:
+        FileExistsError: ``config.output`` holds a run and ``resume`` is False.
+    """
+    context = setup_distributed(config.device)
+    try:
+        torch.set_num_threads(config.threads or _default_threads(context))
+        seed_everything(config.seed + context.rank)
+        config.output.mkdir(parents=True, exist_ok=True)
+        if _prepare_output(config, resume, context):
+            logger.info("the run in %s has already finished; nothing to do", config.output)
+            return config.output / LAST_CHECKPOINT
+        context.barrier()
+        trainer = Trainer(config, context)
+        state_path = config.output / STATE_FILE
+        if resume and state_path.is_file():
+            trainer.load_state(state_path)
+        elif resume:
+            logger.info("no training state in %s; starting a new run", config.output)
+        return trainer.run(on_step)
+    finally:
+        if context.owns_group:
+            dist.destroy_process_group()
+
+
+def pretrain(config_dict: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path:
+    """Pretrainer for suites: train from a config mapping into ``out_dir`` and return ``checkpoint-last``.
+
+    ``config_dict`` holds the keys of a pretraining YAML (``config`` or ``model``,
+    ``objective``, ``epochs``, ``manifest``, ...); ``out_dir`` replaces ``output``. An
+    interrupted run in ``out_dir`` is resumed.
+    """
+    data = dict(config_dict, output=str(Path(out_dir).absolute()))
+    config = parse_pretrain_config(data, source=f"pretrain entry {data.get('name', '(unnamed)')!r}")
+    return train(config, resume=True)
