@@ -14,7 +14,9 @@ process's maximum resident set size (``resource.getrusage``, monotonic over the 
 and the size of one similarity block, which is what bounds the blocked run.
 
 Run on CPU: ``python benchmarks/bench_pva.py`` (defaults Q=32, S<=12, D=256, float32,
-N in 500 1000 2000).
+N in 500 1000 2000). On a machine shared with other jobs, pass ``--threads 1``: with more
+torch threads than free cores, the many small ops of the per-pair loop slowed down
+about 15-fold in one measurement on a 2-core machine.
 """
 
 from __future__ import annotations

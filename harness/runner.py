@@ -42,7 +42,8 @@ from harness.results import (
 logger = logging.getLogger(__name__)
 
 # name -> pretrain(config_dict, out_dir) -> checkpoint folder. ``config_dict`` is the suite's
-# pretrain entry (config, objective, epochs, ...) plus ``manifest`` (path) and ``name``.
+# pretrain entry (config, objective, epochs, ...) plus ``manifest`` (path), ``name`` and,
+# unless the entry sets it, ``cache_dir`` (a folder shared by the run's pretraining jobs).
 PretrainFunction = Callable[[dict[str, Any], Path], Path]
 PRETRAINERS: Registry[PretrainFunction] = Registry("pretrainer")
 
@@ -195,6 +196,9 @@ def _manifest_in(result: Any, out_dir: Path) -> Path:
 
 def _run_pretrain_job(job: Job, directory: Path, context: RunContext) -> dict[str, Any]:
     config = dict(job.config["config"], manifest=job.config["manifest"], name=job.name)
+    # Pretraining jobs of one run share preprocessed arrays and sentence features, which
+    # the trainer keys by spec and text-encoder digest; the entry's own cache_dir wins.
+    config.setdefault("cache_dir", str(context.cache_dir / "pretrain"))
     checkpoint = PRETRAINERS.get(job.config["trainer"])(config, directory / "checkpoint")
     return {"checkpoint": str(checkpoint)}
 

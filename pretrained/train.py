@@ -698,6 +698,7 @@ class Trainer:
         self.best_epoch: int | None = None
         self.records: list[dict[str, Any]] = []
         self.finished = False
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # learning rate of the latest step
         self.started = time.perf_counter()
 
     @property
@@ -765,7 +766,7 @@ class Trainer:
             bar.set_postfix({key: f"{value:.4g}" for key, value in values.items()})
             if self.step % self.config.log_every == 0:
                 self.records.append({"kind": "step", "epoch": self.epoch + 1, "step": self.step,
-                                     "lr": self.scheduler.get_last_lr()[0], **values})  # fmt: skip
+                                     "lr": self.last_lr, **values})  # fmt: skip
             if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                 self.save()
             if on_step is not None:
@@ -790,6 +791,7 @@ class Trainer:
         )  # fmt: skip
 
     def _train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         outputs = self.parallel(_to_device(batch, self.context.device))
         self.optimizer.zero_grad(set_to_none=True)
         outputs["loss"].backward()
@@ -811,7 +813,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         record: dict[str, Any] = {
-            "kind": "epoch", "epoch": self.epoch + 1, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
+            "kind": "epoch", "epoch": self.epoch + 1, "step": self.step, "lr": self.last_lr,
             **{f"train/{key}": total / max(1, self.epoch_count) for key, total in self.epoch_sums.items()},
         }  # fmt: skip
         improved = False

@@ -155,6 +155,8 @@ def test_pretrain_and_adapter_stages(tmp_path, manifest):
     calls_file = tmp_path / "out" / "jobs" / first.outcomes[0].job.hash / "data" / "pretrain-calls.txt"
     assert calls_file.read_text() == "p\n"
     assert {r.model for r in first.records} == {"pretrained"}
+    checkpoint = json.loads((tmp_path / "out" / "jobs" / first.outcomes[1].job.hash / "checkpoint" / "config.json").read_text())
+    assert checkpoint["cache_dir"] == str(tmp_path / "out" / "cache" / "pretrain")
 
     second = run_suite(suite, tmp_path / "out")
     assert [o.status for o in second.outcomes] == ["cached", "cached", "cached"]

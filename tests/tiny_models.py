@@ -152,7 +152,7 @@ def pretrain_tiny(config: dict, out_dir: Path) -> Path:
     """A stand-in pretrainer: records its call and writes a checkpoint folder for ``tiny-checkpoint``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps({"seed": int(config["epochs"]), "manifest": config["manifest"]}))
+    (out_dir / "config.json").write_text(json.dumps({"seed": int(config["epochs"]), "manifest": config["manifest"], "cache_dir": config["cache_dir"]}))
     calls = Path(config["manifest"]).parent / "pretrain-calls.txt"
     with open(calls, "a") as handle:
         handle.write(config["name"] + "\n")
