@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("harness.commands.validate", "check a suite file without running it"),
     "run": ("harness.commands.run", "run a suite and write result records and tables"),
     "table": ("harness.commands.table", "render result records as Markdown, LaTeX or CSV tables"),
+    "adapt": ("harness.commands.adapt", "convert a dataset's native layout into a manifest"),
 }
 
 

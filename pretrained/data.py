@@ -122,7 +122,7 @@ class SentenceFeatureCache:
 
     The file name carries the SHA-256 of the encoder's files and the token limit, so a
     changed encoder never reuses old features. Entries are keyed by the SHA-256 of the
-    sentence text, so the file holds no report text.
+    sentence text, so the file contains no report text.
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], encoder_digest: str, max_length: int) -> None:
@@ -139,7 +139,7 @@ class SentenceFeatureCache:
         return hashlib.sha256(sentence.encode("utf-8")).hexdigest()
 
     def update(self, sentences: Sequence[str], text_encoder: torch.nn.Module) -> int:
-        """Embed the sentences not yet cached with ``text_encoder`` and rewrite the file; return how many."""
+        """Embed the sentences not yet cached with ``text_encoder`` and rewrite the file. Returns the number of sentences embedded."""
         missing = list(dict.fromkeys(s for s in sentences if self.key(s) not in self._features))
         if not missing:
             return 0

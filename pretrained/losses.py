@@ -68,12 +68,12 @@ def _validate_labels(labels: Tensor, n_rows: int, n_columns: int, name: str = "l
 def _inverse_permutation(labels: Tensor, n: int) -> Tensor:
     """Return the inverse of ``labels (n,)``, raising ``ValueError`` unless it is a permutation."""
     _validate_labels(labels, n, n)
-    inverse = torch.empty_like(labels)
-    inverse[labels] = torch.arange(n, device=labels.device)
-    if not torch.equal(labels[inverse], torch.arange(n, device=labels.device)):
+    if n and int(torch.bincount(labels, minlength=n).max()) > 1:
         raise ValueError(
             "labels must be a permutation of 0..B-1 (one report per study) for the symmetric loss"
         )
+    inverse = torch.empty_like(labels)
+    inverse[labels] = torch.arange(n, device=labels.device)
     return inverse
 
 

@@ -1,4 +1,4 @@
-"""brat pretraining: a YAML config, a data-parallel training loop and exact resumption.
+"""brat pretraining: a data-parallel training loop with exact resumption (config keys: :mod:`pretrained.train_config`).
 
 Run it with ``brat-harness pretrain CONFIG.yaml`` (one process) or
 ``torchrun --nproc-per-node N -m harness.cli pretrain CONFIG.yaml`` (data-parallel with
@@ -12,7 +12,7 @@ and their reports against the global batch, and DDP averages the gradients, whic
 the gradient of the loss over the global batch. BatchNorm statistics stay per process
 (DDP's default), so batch statistics come from the local ``batch_size`` studies and the
 running statistics of rank 0 are broadcast at every forward pass. ``sync_batchnorm:
-true`` switches to ``SyncBatchNorm``, which torch implements for GPUs only.
+true`` switches to ``SyncBatchNorm``, which torch (2.14) rejects on the CPU.
 
 Output folder:
 
@@ -32,7 +32,6 @@ Output folder:
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.io import atomic_path, write_json_atomic, write_text_atomic
-from pretrained.config import BratConfig, get_config
+from pretrained.config import BratConfig
 from pretrained.data import (
     PretrainingDataset,
     SentenceFeatureCache,
@@ -60,7 +59,13 @@ from pretrained.data import (
     preprocess_for_training,
     seed_worker,
 )
-from pretrained.losses import OBJECTIVES, build_loss, gather_features
+from pretrained.losses import build_loss, gather_features
+from pretrained.train_config import (
+    RUNTIME_KEYS,
+    PretrainConfig,
+    PretrainConfigError,
+    parse_pretrain_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,318 +77,6 @@ CONFIG_FILE = "train_config.json"
 STATE_FORMAT = 1
 BEST_METRIC = "val/i2t/R@5"
 RECALL_KS = (1, 5, 10)
-
-# Settings that change speed or logging but not the trained weights; a resume may change them.
-_RUNTIME_KEYS = ("num_workers", "threads", "progress", "log_every", "preprocess_workers", "output", "cache_dir")
-
-
-class PretrainConfigError(ValueError):
-    """An invalid pretraining config; the message names the file, the key and the value."""
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class PretrainConfig:
-    """A validated pretraining config (see :func:`parse_pretrain_config` for the YAML keys).
-
-    ``batch_size`` is per process; the contrastive batch is ``batch_size * world_size``.
-    """
-
-    manifest: Path
-    output: Path
-    model: str = "brat-tiny"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    objective: str | None = None
-    dpp_weight: float = 0.1
-    temperature_init: float = 0.07
-    temperature_min: float = 0.001
-    temperature_max: float = 0.5
-    name: str = "pretrain"
-    train_split: str = "train"
-    val_split: str = "val"
-    preprocessing: str | None = None
-    cache_dir: Path | None = None
-    preprocess_workers: int = 2
-    seed: int = 0
-    epochs: int = 1
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    adam_eps: float = 1e-8
-    warmup_steps: int | None = None
-    warmup_fraction: float | None = None
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    checkpoint_every: int | None = None
-    log_every: int = 10
-    num_workers: int = 0
-    threads: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    sync_batchnorm: bool = False
-    progress: bool = True
-    source: str = field(default="config", compare=False)
-
-    def brat_config(self) -> BratConfig:
-        """Return the model config: the named config with overrides and the objective applied."""
-        overrides = dict(self.model_overrides)
-        if self.objective is not None:
-            overrides["objective"] = self.objective
-        return get_config(self.model, **overrides)
-
-    @property
-    def spec_name(self) -> str:
-        return self.preprocessing or self.brat_config().preprocessing
-
-    @property
-    def preprocessed_dir(self) -> Path:
-        return self.cache_dir if self.cache_dir is not None else self.output / "preprocessed"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the config in the YAML layout (JSON-ready)."""
-        data = {
-            "name": self.name, "model": self.model, "model_overrides": dict(self.model_overrides),
-            "objective": self.objective, "dpp_weight": self.dpp_weight,
-            "temperature": {"init": self.temperature_init, "min": self.temperature_min, "max": self.temperature_max},
-            "manifest": str(self.manifest), "output": str(self.output),
-            "train_split": self.train_split, "val_split": self.val_split, "preprocessing": self.preprocessing,
-            "cache_dir": None if self.cache_dir is None else str(self.cache_dir),
-            "preprocess_workers": self.preprocess_workers, "seed": self.seed, "epochs": self.epochs,
-            "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
-            "optimizer": {"lr": self.lr, "weight_decay": self.weight_decay, "betas": list(self.betas), "eps": self.adam_eps},
-            "scheduler": {"warmup_steps": self.warmup_steps, "warmup_fraction": self.warmup_fraction,
-                          "min_lr_ratio": self.min_lr_ratio},
-            "grad_clip": self.grad_clip, "checkpoint_every": self.checkpoint_every, "log_every": self.log_every,
-            "num_workers": self.num_workers, "threads": self.threads, "device": self.device,
-            "precision": self.precision, "sync_batchnorm": self.sync_batchnorm, "progress": self.progress,
-        }  # fmt: skip
-        return json.loads(json.dumps(data))
-
-    def digest(self) -> str:
-        """SHA-256 of the settings that determine the trained weights (runtime settings excluded)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_KEYS}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-class _ConfigReader:
-    """Typed access to one mapping of a config, with errors that name the file and the key."""
-
-    def __init__(self, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
-        self.data, self.source, self.prefix = data, source, prefix
-
-    def fail(self, key: str, value: Any, expected: str) -> NoReturn:
-        raise PretrainConfigError(f"{self.source}: key {self.prefix + key!r}: invalid value {value!r}; expected {expected}")
-
-    def check_keys(self, known: tuple[str, ...]) -> None:
-        unknown = sorted(set(self.data) - set(known))
-        if unknown:
-            raise PretrainConfigError(
-                f"{self.source}: unknown key(s) {[self.prefix + k for k in unknown]}; known keys: {sorted(known)}"
-            )
-
-    def number(self, key: str, default: float | None, low: float | None = None, high: float | None = None,
-               low_open: bool = False, optional: bool = False) -> float | None:  # fmt: skip
-        value = self.data.get(key, default)
-        if value is None and optional:
-            return None
-        if isinstance(value, str):
-            # PyYAML follows YAML 1.1 and reads 3e-4 (no dot) as a string.
-            try:
-                value = float(value)
-            except ValueError:
-                self.fail(key, value, "a number")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self.fail(key, value, "a number")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        if too_low or (high is not None and value > high):
-            bounds = f"{'>' if low_open else '>='} {low}" if low is not None else ""
-            bounds += f"{' and ' if bounds else ''}<= {high}" if high is not None else ""
-            self.fail(key, value, f"a number {bounds}")
-        return float(value)
-
-    def integer(self, key: str, default: int | None, low: int, optional: bool = False) -> int | None:
-        value = self.data.get(key, default)
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            self.fail(key, value, f"an integer >= {low}")
-        return int(value)
-
-    def string(self, key: str, default: str | None, choices: tuple[str, ...] | None = None,
-               optional: bool = False) -> str | None:  # fmt: skip
-        value = self.data.get(key, default)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str) or not value:
-            self.fail(key, value, "a non-empty string" if choices is None else f"one of {list(choices)}")
-        if choices is not None and value not in choices:
-            self.fail(key, value, f"one of {list(choices)}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.data.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(key, value, "true or false")
-        return value
-
-    def mapping(self, key: str) -> _ConfigReader:
-        value = self.data.get(key) or {}
-        if not isinstance(value, Mapping):
-            self.fail(key, value, "a mapping")
-        return _ConfigReader(value, self.source, f"{self.prefix}{key}.")
-
-    def path(self, key: str, base_dir: Path, optional: bool = False) -> Path | None:
-        value = self.data.get(key)
-        if value is None and optional:
-            return None
-        if not isinstance(value, (str, os.PathLike)) or not str(value):
-            self.fail(key, value, "a path (relative paths start at the config file's folder)")
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (base_dir / path)
-
-
-_TOP_KEYS = (
-    "name", "model", "config", "model_overrides", "objective", "dpp_weight", "temperature", "manifest", "output",
-    "train_split", "val_split", "preprocessing", "cache_dir", "preprocess_workers", "seed", "epochs", "batch_size",
-    "eval_batch_size", "optimizer", "scheduler", "grad_clip", "checkpoint_every", "log_every", "num_workers",
-    "threads", "device", "precision", "sync_batchnorm", "progress",
-)  # fmt: skip
-
-
-def parse_pretrain_config(data: Mapping[str, Any], source: str = "config", base_dir: Path | None = None) -> PretrainConfig:
-    """Validate a config mapping (parsed YAML) and return a :class:`PretrainConfig`.
-
-    ``config`` is accepted as another name for ``model`` (suite files use it). Relative
-    paths resolve against ``base_dir`` (default: the working directory).
-
-    Raises:
-        PretrainConfigError: naming ``source``, the key and the value.
-    """
-    if not isinstance(data, Mapping):
-        raise PretrainConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
-    base_dir = Path.cwd() if base_dir is None else base_dir
-    read = _ConfigReader(data, source)
-    read.check_keys(_TOP_KEYS)
-    if "model" in data and "config" in data:
-        read.fail("config", data["config"], "either 'model' or 'config' (the same setting), not both")
-    if "manifest" not in data:
-        raise PretrainConfigError(f"{source}: missing key 'manifest' (path of the study manifest)")
-    if "output" not in data:
-        raise PretrainConfigError(f"{source}: missing key 'output' (folder for checkpoints and metrics), or pass --out")
-
-    model_key = "config" if "config" in data else "model"
-    optimizer, scheduler, temperature = read.mapping("optimizer"), read.mapping("scheduler"), read.mapping("temperature")
-    optimizer.check_keys(("lr", "weight_decay", "betas", "eps"))
-    scheduler.check_keys(("warmup_steps", "warmup_fraction", "min_lr_ratio"))
-    temperature.check_keys(("init", "min", "max"))
-    overrides = data.get("model_overrides") or {}
-    if not isinstance(overrides, Mapping):
-        read.fail("model_overrides", overrides, "a mapping of model config fields")
-
-    config = PretrainConfig(
-        manifest=read.path("manifest", base_dir),
-        output=read.path("output", base_dir),
-        model=read.string(model_key, "brat-tiny"),
-        model_overrides=dict(overrides),
-        objective=read.string("objective", None, OBJECTIVES, optional=True),
-        dpp_weight=read.number("dpp_weight", 0.1, low=0.0),
-        temperature_init=temperature.number("init", 0.07, low=0.0, low_open=True),
-        temperature_min=temperature.number("min", 0.001, low=0.0, low_open=True),
-        temperature_max=temperature.number("max", 0.5, low=0.0, low_open=True),
-        name=read.string("name", Path(source).stem if source.endswith((".yaml", ".yml")) else "pretrain"),
-        train_split=read.string("train_split", "train"),
-        val_split=read.string("val_split", "val"),
-        preprocessing=read.string("preprocessing", None, optional=True),
-        cache_dir=read.path("cache_dir", base_dir, optional=True),
-        preprocess_workers=read.integer("preprocess_workers", 2, 1),
-        seed=read.integer("seed", 0, 0),
-        epochs=read.integer("epochs", 1, 1),
-        batch_size=read.integer("batch_size", 8, 2),
-        eval_batch_size=read.integer("eval_batch_size", 16, 1),
-        lr=optimizer.number("lr", 1e-4, low=0.0, low_open=True),
-        weight_decay=optimizer.number("weight_decay", 0.05, low=0.0),
-        betas=_betas(optimizer),
-        adam_eps=optimizer.number("eps", 1e-8, low=0.0, low_open=True),
-        warmup_steps=scheduler.integer("warmup_steps", None, 0, optional=True),
-        warmup_fraction=scheduler.number("warmup_fraction", None, low=0.0, high=1.0, optional=True),
-        min_lr_ratio=scheduler.number("min_lr_ratio", 0.0, low=0.0, high=1.0),
-        grad_clip=read.number("grad_clip", 1.0, low=0.0, low_open=True, optional=True),
-        checkpoint_every=read.integer("checkpoint_every", None, 1, optional=True),
-        log_every=read.integer("log_every", 10, 1),
-        num_workers=read.integer("num_workers", 0, 0),
-        threads=read.integer("threads", None, 1, optional=True),
-        device=_device_name(read),
-        precision=read.string("precision", "auto", ("auto", "fp32", "bf16")),
-        sync_batchnorm=read.boolean("sync_batchnorm", False),
-        progress=read.boolean("progress", True),
-        source=source,
-    )
-    _check_cross_fields(config, read, scheduler, model_key)
-    return config
-
-
-def _betas(optimizer: _ConfigReader) -> tuple[float, float]:
-    value = optimizer.data.get("betas", [0.9, 0.98])
-    valid = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value
-    )
-    if not valid:
-        optimizer.fail("betas", value, "two numbers in [0, 1), e.g. [0.9, 0.98]")
-    return float(value[0]), float(value[1])
-
-
-def _device_name(read: _ConfigReader) -> str:
-    value = read.string("device", "auto")
-    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
-        read.fail("device", value, "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    return value
-
-
-def _check_cross_fields(config: PretrainConfig, read: _ConfigReader, scheduler: _ConfigReader, model_key: str) -> None:
-    """Check settings that depend on each other: model config, spec, temperatures, warm-up."""
-    from harness.preprocessing import get_spec
-
-    if config.warmup_steps is not None and config.warmup_fraction is not None:
-        scheduler.fail("warmup_fraction", config.warmup_fraction, "either warmup_steps or warmup_fraction, not both")
-    if not config.temperature_min <= config.temperature_init <= config.temperature_max:
-        read.fail("temperature", read.data.get("temperature"), "min <= init <= max")
-    try:
-        brat = config.brat_config()
-    except KeyError as error:
-        read.fail(model_key, config.model, f"a model config name ({error.args[0]})")
-    except (TypeError, ValueError) as error:
-        read.fail("model_overrides", config.model_overrides, f"valid model config fields ({error})")
-    try:
-        spec = get_spec(config.spec_name)
-    except KeyError as error:
-        read.fail("preprocessing", config.spec_name, f"a registered preprocessing spec ({error.args[0]})")
-    if tuple(spec.spatial_size) != tuple(brat.image_size) or tuple(spec.sequences) != tuple(brat.sequences):
-        read.fail(
-            "preprocessing", config.spec_name,
-            f"a spec with spatial_size {list(brat.image_size)} and sequences {list(brat.sequences)} as model "
-            f"{brat.name!r} needs (spec {spec.name!r} has {list(spec.spatial_size)} and {list(spec.sequences)})",
-        )  # fmt: skip
-
-
-def load_pretrain_config(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> PretrainConfig:
-    """Read and validate a pretraining YAML file; ``output`` replaces the file's ``output`` key."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise PretrainConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise PretrainConfigError(f"{path}: invalid YAML: {error}") from None
-    if isinstance(data, dict) and output is not None:
-        data = dict(data, output=str(Path(output).absolute()))
-    return parse_pretrain_config(data, source=str(path), base_dir=path.parent.absolute())
-
 
 # --------------------------------------------------------------------------- processes and seeds
 
@@ -421,7 +114,12 @@ def setup_distributed(device: str = "auto") -> DistributedContext:
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} was requested but CUDA is not available; set device: cpu or auto")
-    target = torch.device(device if ":" in device else f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if not use_cuda:
+        target = torch.device("cpu")
+    elif ":" in device:
+        target = torch.device(device)
+    else:
+        target = torch.device(f"cuda:{local_rank}")
     if use_cuda:
         torch.cuda.set_device(target)
 
@@ -574,7 +272,6 @@ def prepare_data(config: PretrainConfig, brat: BratConfig, model: nn.Module, con
     Sentence features are cached when the model's text encoder is frozen (``text_path:
     hf`` with ``text_frozen: true``); otherwise batches carry sentence text.
     """
-    cache_features = brat.text_path == "hf" and brat.text_frozen
     if context.is_main:
         preprocess_for_training(config.manifest, config.spec_name, config.preprocessed_dir,
                                 workers=config.preprocess_workers, progress=config.progress)  # fmt: skip
@@ -584,18 +281,34 @@ def prepare_data(config: PretrainConfig, brat: BratConfig, model: nn.Module, con
     train_records = load_split_records(config.manifest, config.train_split, folder)
     val_records = load_split_records(config.manifest, config.val_split, folder)
     feature_cache = None
-    if cache_features:
-        from pretrained.checkpoint import referenced_text_encoder_digest
-
-        digest = referenced_text_encoder_digest(brat.text_encoder)
+    if _caches_features(brat):
         if context.is_main:
             sentences = [s for record in (*train_records, *val_records) for s in record.sentences]
-            SentenceFeatureCache(config.preprocessed_dir, digest, brat.text_max_length).update(
-                sentences, model.text_encoder
-            )
+            _feature_cache(config, brat).update(sentences, model.text_encoder)
         context.barrier()
-        feature_cache = SentenceFeatureCache(config.preprocessed_dir, digest, brat.text_max_length)
+        feature_cache = _feature_cache(config, brat)
     return TrainingData(PretrainingDataset(train_records, feature_cache), PretrainingDataset(val_records, feature_cache))
+
+
+def split_dataset(config: PretrainConfig, model: nn.Module, split: str) -> PretrainingDataset:
+    """Return the dataset of another split (e.g. ``test``) of an already preprocessed manifest, in one process."""
+    records = load_split_records(config.manifest, split, array_folder_for(config.preprocessed_dir, config.spec_name))
+    feature_cache = None
+    if _caches_features(model.config):
+        feature_cache = _feature_cache(config, model.config)
+        feature_cache.update([s for record in records for s in record.sentences], model.text_encoder)
+    return PretrainingDataset(records, feature_cache)
+
+
+def _caches_features(brat: BratConfig) -> bool:
+    return brat.text_path == "hf" and brat.text_frozen
+
+
+def _feature_cache(config: PretrainConfig, brat: BratConfig) -> SentenceFeatureCache:
+    from pretrained.checkpoint import referenced_text_encoder_digest
+
+    digest = referenced_text_encoder_digest(brat.text_encoder)
+    return SentenceFeatureCache(config.preprocessed_dir, digest, brat.text_max_length)
 
 
 @torch.no_grad()
@@ -712,8 +425,8 @@ class Trainer:
 
         if self.config.sync_batchnorm:
             if self.context.device.type != "cuda":
-                raise PretrainConfigError(f"{self.config.source}: key 'sync_batchnorm': torch implements SyncBatchNorm "
-                                          "for CUDA devices only; set it to false on the CPU")  # fmt: skip
+                raise PretrainConfigError(f"{self.config.source}: key 'sync_batchnorm': SyncBatchNorm needs CUDA "
+                                          "devices; set it to false on the CPU")  # fmt: skip
             module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model)
         # find_unused_parameters: some trainable tensors take no gradient in a step, e.g. the
         # DenseNet class_layers and the Q-Former's text-only feed-forward blocks.
@@ -803,7 +516,7 @@ class Trainer:
         return self._reduce_for_logging(outputs)
 
     def _reduce_for_logging(self, outputs: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Average the loss components over processes; each process holds the loss of its own studies."""
+        """Average the loss components over processes, because each process computes the loss of its own studies."""
         names = sorted(outputs)
         values = torch.stack([outputs[name].detach().float() for name in names])
         if self.context.enabled:
@@ -922,14 +635,14 @@ def _prepare_output(config: PretrainConfig, resume: bool, context: DistributedCo
     state_path = config.output / STATE_FILE
     if state_path.is_file() and not resume:
         raise FileExistsError(
-            f"{config.output} already holds a training run ({STATE_FILE}); pass --resume to continue it "
+            f"{config.output} already contains a training run ({STATE_FILE}); pass --resume to continue it "
             "or choose another output folder (--out)"
         )
     config_path = config.output / CONFIG_FILE
     if resume and config_path.is_file():
         saved = json.loads(config_path.read_text(encoding="utf-8"))
         current = config.to_dict()
-        changed = sorted(k for k in set(saved) | set(current) if k not in _RUNTIME_KEYS and saved.get(k) != current.get(k))
+        changed = sorted(k for k in set(saved) | set(current) if k not in RUNTIME_KEYS and saved.get(k) != current.get(k))
         if changed:
             raise PretrainConfigError(
                 f"{config.source}: cannot resume the run in {config.output}: settings {changed} differ from "
@@ -942,7 +655,7 @@ def _prepare_output(config: PretrainConfig, resume: bool, context: DistributedCo
 
 
 def train(config: PretrainConfig, resume: bool = False, on_step: StepCallback | None = None) -> Path:
-    """Pretrain a brat model as ``config`` says and return the ``checkpoint-last`` folder.
+    """Pretrain a brat model with the settings in ``config`` and return the ``checkpoint-last`` folder.
 
     Args:
         config: a validated config (:func:`load_pretrain_config`).
@@ -978,7 +691,7 @@ def train(config: PretrainConfig, resume: bool = False, on_step: StepCallback | 
 def pretrain(config_dict: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path:
     """Pretrainer for suites: train from a config mapping into ``out_dir`` and return ``checkpoint-last``.
 
-    ``config_dict`` holds the keys of a pretraining YAML (``config`` or ``model``,
+    ``config_dict`` contains the keys of a pretraining YAML (``config`` or ``model``,
     ``objective``, ``epochs``, ``manifest``, ...); ``out_dir`` replaces ``output``. An
     interrupted run in ``out_dir`` is resumed.
     """

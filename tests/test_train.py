@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from train_fixtures import base_config, model_overrides, write_training_cohort
 
 from pretrained.text import write_tiny_text_model
 from pretrained.train import (
@@ -16,16 +17,13 @@ from pretrained.train import (
     LAST_CHECKPOINT,
     METRICS_FILE,
     STATE_FILE,
-    PretrainConfigError,
     PretrainingModule,
-    load_pretrain_config,
     mean_view_cosine,
-    parse_pretrain_config,
     project_sentence_features,
     train,
     warmup_cosine_factor,
 )
-from train_fixtures import base_config, write_training_cohort
+from pretrained.train_config import PretrainConfigError, load_pretrain_config, parse_pretrain_config
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +239,10 @@ class Interrupt(RuntimeError):
     pass
 
 
+def with_dropout(workspace: dict[str, Path]) -> dict:
+    return dict(model_overrides(workspace["text"]), hidden_dropout_prob=0.1)
+
+
 def interrupt_at(step: int):
     def callback(current: int) -> None:
         if current == step:
@@ -253,8 +255,10 @@ def interrupt_at(step: int):
 def test_resume_equals_uninterrupted(workspace, tmp_path, objective):
     # The interrupt after step 6 (mid-epoch 2) loses steps 5 and 6; the resumed run repeats
     # them from the state saved at step 4, the end of epoch 1.
-    straight = make_config(workspace, tmp_path / "straight", objective=objective, checkpoint_every=4)
-    interrupted = make_config(workspace, tmp_path / "resumed", objective=objective, checkpoint_every=4)
+    # Dropout is on, so the run depends on the torch RNG state that the checkpoint restores.
+    changes = dict(objective=objective, checkpoint_every=4, model_overrides=with_dropout(workspace))
+    straight = make_config(workspace, tmp_path / "straight", **changes)
+    interrupted = make_config(workspace, tmp_path / "resumed", **changes)
     train(straight)
     with pytest.raises(Interrupt):
         train(interrupted, on_step=interrupt_at(6))
@@ -299,3 +303,42 @@ def test_sentence_features_cached_on_disk(workspace, finished_run):
     sentence = "There is an enhancing lesion in the left frontal lobe."
     assert cache.features([sentence]).shape == (1, 32)
     assert cache.update([sentence], text_encoder=None) == 0  # cached: the encoder is not called
+
+
+def test_figures_from_checkpoint(workspace, finished_run, tmp_path):
+    from pretrained.checkpoint import load_checkpoint
+    from pretrained.figures import plot_attention_maps, plot_view_mds, token_grid
+    from pretrained.train import embed_dataset, split_dataset
+
+    config = load_pretrain_config(finished_run.parent / "run.yaml")
+    model = load_checkpoint(finished_run / LAST_CHECKPOINT)
+    dataset = split_dataset(config, model, "test")
+    embeddings = embed_dataset(model, dataset, batch_size=4, device=torch.device("cpu"))
+    assert embeddings["views"].shape == (4, 4, 16)
+    grid, spans_slices = token_grid(model.config)
+    assert (grid, spans_slices) == ((3, 3), False)
+
+    volume = dataset[0]["image"].numpy()
+    attention = plot_attention_maps(volume, embeddings["attention"][0].numpy(), grid, spans_slices,
+                                    tmp_path / "attention.png", views=(0, 1, 2), n_slices=3)  # fmt: skip
+    mds = plot_view_mds(embeddings["views"][:3].numpy(), tmp_path / "mds.png", seed=0)
+    for path in (attention, mds):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="token grid"):
+        plot_attention_maps(volume, embeddings["attention"][0, :, :4].numpy(), grid, spans_slices, tmp_path / "x.png")
+
+
+def test_registered_pretrainer_for_suites(workspace, tmp_path):
+    from harness.plugins import load_plugins
+    from harness.runner import PRETRAINERS
+
+    load_plugins()
+    entry = base_config(workspace["manifest"], "ignored", workspace["cache"], workspace["text"], epochs=1)
+    entry["config"] = entry.pop("model")
+    del entry["output"]
+    checkpoint = PRETRAINERS.get("brat")(entry, tmp_path / "checkpoint")
+    assert checkpoint == tmp_path / "checkpoint" / LAST_CHECKPOINT
+    assert (checkpoint / "model.safetensors").is_file()
+    modified = (checkpoint / "model.safetensors").stat().st_mtime_ns
+    assert PRETRAINERS.get("brat")(entry, tmp_path / "checkpoint") == checkpoint  # finished: nothing reruns
+    assert (checkpoint / "model.safetensors").stat().st_mtime_ns == modified

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pretrained.data import TrainingDataError
-    from pretrained.train import PretrainConfigError, load_pretrain_config, train
+    from pretrained.train import train
+    from pretrained.train_config import PretrainConfigError, load_pretrain_config
 
     try:
         config = load_pretrain_config(args.config, output=args.out)
