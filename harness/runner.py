@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -173,7 +174,9 @@ def _run_dataset_job(job: Job, directory: Path, context: RunContext) -> dict[str
         from harness.cohort import generate_cohort
 
         options = {"sequences": args["sequences"]} if args.get("sequences") else {}
-        result = generate_cohort(out_dir, n_studies=args["n"], seed=args["seed"], progress=False, **options)
+        # The cohort is byte-identical for any worker count, so use the cores there are.
+        workers = min(8, os.cpu_count() or 1)
+        result = generate_cohort(out_dir, n_studies=args["n"], seed=args["seed"], workers=workers, progress=True, **options)
         manifest = _manifest_in(result, out_dir)
     else:
         from harness.adapters import ADAPTERS
