@@ -37,7 +37,7 @@ class ImageEmbeddings:
 
 @runtime_checkable
 class Encoder(Protocol):
-    """What the harness needs from a model.
+    """Interface between a model and the harness tasks.
 
     Attributes:
         name: display name used in tables.

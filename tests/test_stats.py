@@ -64,7 +64,8 @@ def test_generic_statistic_median():
     ci = bootstrap_ci(values, statistic=np.median, n_resamples=200, seed=0)
     assert ci.value == 6.0
     assert ci.low <= 6.0 <= ci.high
-    assert ci.low >= 1.0 and ci.high <= 11.0
+    assert ci.low >= 1.0
+    assert ci.high <= 11.0
 
 
 def test_bootstrap_deterministic_by_seed():
