@@ -7,8 +7,8 @@ Usage:
 Steps, each timed: generate the T1c-only cohort (skipped when ``DIR/manifest.csv``
 exists), preprocess it with the ``brat-tiny`` spec (studies already done are skipped),
 then for each objective pretrain from ``configs/pretrain-brat-tiny.yaml`` (``clip``:
-``configs/pretrain-clip-tiny.yaml``) and evaluate the last checkpoint on the ``test``
-split: image-to-report (i2t) and report-to-image (t2i) recall@k with the model's scorer,
+``configs/pretrain-clip-tiny.yaml``) and evaluate the last checkpoint (and, for
+comparison, ``best/``) on the ``test`` split: image-to-report (i2t) and report-to-image (t2i) recall@k with the model's scorer,
 chance R@5 = 5 / N_test, and the mean cosine between different views of a study. The
 ``pva`` run also writes two figures: attention maps of four views over one study, and an
 MDS map of the test-split view embeddings (``pva-no-qd`` gets an MDS map as well).
@@ -105,7 +105,7 @@ def evaluate(config, checkpoint: Path, figures: Path | None) -> dict:
 def main() -> None:
     from harness.io import write_json_atomic
     from pretrained.data import array_folder_for, preprocess_for_training
-    from pretrained.train import train
+    from pretrained.train import BEST_CHECKPOINT, train
 
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -130,13 +130,15 @@ def main() -> None:
         args.figures.mkdir(parents=True, exist_ok=True)
         result = {"train_seconds": train_seconds, "epochs": config.epochs, "batch_size": config.batch_size,
                   "lr": config.lr, **evaluate(config, checkpoint, args.figures)}  # fmt: skip
+        best = evaluate(config, checkpoint.parent / BEST_CHECKPOINT, None)
+        result["best_checkpoint"] = {key: best[key] for key in ("test/i2t/R@5", "test/t2i/R@5", "R@5_over_chance")}
         results["runs"][objective] = result
         cosine = f", view cosine {result['view_cosine']:.3f}" if "view_cosine" in result else ""
         print(
             f"{objective}: train {train_seconds / 60:.1f} min ({config.epochs} epochs, batch {config.batch_size}); "
             f"test N={result['n_test']}: i2t R@1 {result['test/i2t/R@1']:.3f} R@5 {result['test/i2t/R@5']:.3f} "
             f"({result['R@5_over_chance']:.1f}x chance {result['chance_R@5']:.3f}), t2i R@5 {result['test/t2i/R@5']:.3f}"
-            f"{cosine}",
+            f"{cosine}; best/ (by val R@5): i2t R@5 {best['test/i2t/R@5']:.3f}",
             flush=True,
         )
     results["load_average"] = {"before": load_before, "after": os.getloadavg()[0]}

@@ -149,6 +149,7 @@ def test_mean_view_cosine():
         mean_view_cosine(identical[:, :1])
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_fixed_batch(workspace):
     from pretrained.data import collate_studies
     from pretrained.losses import build_loss
@@ -251,6 +252,7 @@ def interrupt_at(step: int):
     return callback
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["pva", "clip"])
 def test_resume_equals_uninterrupted(workspace, tmp_path, objective):
     # The interrupt after step 6 (mid-epoch 2) loses steps 5 and 6; the resumed run repeats
@@ -277,6 +279,7 @@ def test_resume_equals_uninterrupted(workspace, tmp_path, objective):
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_checkpoint(workspace, tmp_path):
     straight = make_config(workspace, tmp_path / "straight", epochs=1, checkpoint_every=2)
     interrupted = make_config(workspace, tmp_path / "resumed", epochs=1, checkpoint_every=2)
