@@ -78,7 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(args.verbose, args.quiet)
-    return int(_load(args._module).run(args) or 0)
+    try:
+        return int(_load(args._module).run(args) or 0)
+    except (OSError, ValueError, KeyError) as error:
+        if args.verbose >= 2:
+            raise
+        # KeyError's str() adds quotes around the message, so print its argument.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        print(f"brat-harness {args.command}: error: {message}", file=sys.stderr)
+        print("(run with -vv for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -298,7 +298,20 @@ def _dataset_stage(suite, context: RunContext, executor, outcomes: list[JobOutco
         outcomes.append(outcome)
         if outcome.ok:
             ready[outcome.job.name] = {"manifest": outcome.output["manifest"], "digest": outcome.output["digest"]}
+    for name, dataset in ready.items():
+        _require_disjoint_splits(name, dataset["manifest"])
     return ready
+
+
+def _require_disjoint_splits(name: str, manifest: str | Path) -> None:
+    """Raise ``ValueError`` before any job runs if a subject of ``manifest`` is in two splits."""
+    from harness.checks import check_split_integrity
+    from harness.manifest import read_manifest
+
+    problems = check_split_integrity(read_manifest(manifest))
+    if problems:
+        details = "; ".join(str(problem) for problem in problems)
+        raise ValueError(f"dataset {name!r} ({manifest}): {details}. No job was run; fix the splits first")
 
 
 def _pretrain_stage(suite, datasets: dict, context: RunContext, executor, outcomes: list[JobOutcome]) -> dict[str, str]:

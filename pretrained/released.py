@@ -132,7 +132,14 @@ def load_released_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"released weights {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a file that is not a tensor archive
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{path}: not a weights-only torch file ({type(error).__name__}: {reason}). Only plain "
+            "tensor state dicts saved with torch.save are accepted; pickled objects are never loaded"
+        ) from error
     for wrapper in ("model", "state_dict"):
         if isinstance(state, dict) and set(state) == {wrapper}:
             logger.info("%s: unwrapping the %r entry", path, wrapper)

@@ -28,3 +28,18 @@ def test_parser_lists_every_command(capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "usage: brat-harness" in capsys.readouterr().out
+
+
+def test_user_error_is_one_line(tmp_path, capsys):
+    assert main(["table", str(tmp_path)]) == 1
+
+    error = capsys.readouterr().err
+    assert "brat-harness table: error: no result records" in error
+    assert "Traceback" not in error
+
+
+def test_empty_results_file_rejected(tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_text("")
+
+    assert main(["table", str(tmp_path)]) == 1
+    assert "contains no records" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from pretrained.train import LAST_CHECKPOINT, METRICS_FILE, STATE_FILE, Pretrain
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 4
-OBJECTIVES = ("pva", "pairwise-repulsion", "clip")
+OBJECTIVES = ("pva", "clip")
 
 
 def free_port() -> int:

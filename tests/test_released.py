@@ -19,6 +19,7 @@ from pretrained.released import (
     detect_backbone,
     export_released_state_dict,
     infer_config,
+    load_released_state_dict,
     model_to_released_key,
     released_to_model_key,
 )
@@ -204,3 +205,32 @@ def test_vit_monai14_cross_attention_keys_set_aside(tmp_path):
     images = torch.rand(1, 1, 32, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(original.encode_image(images).views, load_checkpoint(out).encode_image(images).views)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file\n"])
+def test_unreadable_file_error(tmp_path, content):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(content)
+
+    with pytest.raises(ValueError, match="not a weights-only torch file"):
+        load_released_state_dict(path)
+
+
+def test_pickled_object_rejected(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "weights.bin"
+    torch.save({"payload": _Payload(str(marker))}, path)
+
+    with pytest.raises(ValueError, match="pickled objects are never loaded"):
+        load_released_state_dict(path)
+    assert not marker.exists()
+
+
+class _Payload:
+    """An object whose unpickling would create a file, to prove it is never unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -223,3 +223,22 @@ def test_killed_run_resumes_to_same_results(tmp_path, manifest):
     resumed = run_suite(suite, tmp_path / "killed")
     assert sum(o.status == "cached" for o in resumed.outcomes) >= 1
     assert values(resumed.records) == values(reference.records)
+
+
+def test_split_leak_stops_run(tmp_path, manifest, capsys):
+    import pandas as pd
+
+    frame = pd.read_csv(manifest, dtype=str)
+    first_subject = frame["subject_id"].iloc[0]
+    other_split = next(split for split in ("train", "val", "test") if split != frame["split"].iloc[0])
+    leaked = frame.copy()
+    leaked.loc[len(leaked)] = {**frame.iloc[0].to_dict(), "study_id": "leak-1", "split": other_split}
+    leaked_manifest = manifest.parent / "leaked.csv"
+    leaked.to_csv(leaked_manifest, index=False)
+    suite = write_suite(tmp_path, leaked_manifest)
+
+    assert main(["run", str(suite), "--out", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert first_subject in error
+    assert "No job was run" in error
+    assert not (tmp_path / "out" / "jobs").exists() or not any((tmp_path / "out" / "jobs").glob("*/done.json"))

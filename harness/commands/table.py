@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from reports.tables import build_table, load_reference, render
 
     records = read_records(args.run_dir)
+    if not records:
+        raise ValueError(f"{args.run_dir}: the results file contains no records; run or resume the suite first")
     reference = load_reference(args.reference) if args.reference else None
     table = build_table(records, args.metrics, reference)
     text = render(table, args.format)
