@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -176,9 +177,15 @@ def _read_delimited(path: Path, raw: bytes, sep: str) -> pd.DataFrame:
     # first invalid byte to its data row and column: quoted reports may span several lines.
     text = strict if strict is not None else raw.decode("latin-1")
     try:
-        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise ManifestError(f"{path}: cannot parse the table ({error}); fix the file", path=path) from None
+        # index_col=False: rows with more fields than the header are an error, instead of
+        # pandas silently turning the extra leading fields into an index and shifting columns.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[""], index_col=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, pd.errors.ParserWarning) as error:
+        raise ManifestError(
+            f"{path}: cannot parse the table ({error}); make every row have as many fields as the header", path=path
+        ) from None
     if strict is None:
         raise _utf8_error(path, raw, df, first_data_line=2)
     df.columns = [str(c).strip() for c in df.columns]

@@ -140,3 +140,11 @@ def test_dataset_card_invalid(tmp_path, content):
     (tmp_path / "dataset.json").write_text(content, encoding="utf-8")
     with pytest.raises(ManifestError, match="dataset.json"):
         read_dataset_card(tmp_path / "m.csv")
+
+
+def test_extra_fields_rejected(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_text("study_id,subject_id,split,report\nr1,s1,train,ok,EXTRA,MORE\n")
+
+    with pytest.raises(ManifestError, match="as many fields as the header"):
+        read_manifest(path)
