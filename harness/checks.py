@@ -105,6 +105,8 @@ def check_manifest(
     declared.update({str(k): list(v) for k, v in (labels or {}).items()})
 
     problems = check_columns(df)
+    if df.empty:
+        problems.append(Problem(None, None, None, None, "the manifest has no studies; add one row per imaging study"))
     problems += check_rows(df)
     problems += check_split_integrity(df)
     problems += check_labels(df, declared)

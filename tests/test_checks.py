@@ -233,3 +233,11 @@ def test_read_manifest_then_check_relative_paths(tmp_path, write_nifti):
     path.write_text("study_id\tsubject_id\tsplit\tt1c\treport\nS1\tP1\ttest\tsub/a.nii.gz\tok\n", encoding="utf-8")
     assert read_manifest(path).loc[0, "t1c"] == str(tmp_path / "sub" / "a.nii.gz")
     assert check_manifest(path) == []
+
+
+def test_check_header_only_manifest(tmp_path, capsys):
+    path = tmp_path / "manifest.csv"
+    path.write_text("study_id,subject_id,split,report,t1c\n")
+
+    assert main(["check", str(path)]) != 0
+    assert "the manifest has no studies" in capsys.readouterr().out
