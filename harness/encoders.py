@@ -71,6 +71,12 @@ class Encoder(Protocol):
 EncoderLoader = Callable[..., Encoder]
 ENCODER_LOADERS: Registry[EncoderLoader] = Registry("encoder loader")
 
+# Optional cheap checks of a model entry's arguments, keyed like ENCODER_LOADERS: each
+# returns one message per invalid argument without loading any weights, so that
+# ``brat-harness validate`` can catch a typo before a run.
+EncoderArgumentCheck = Callable[..., list[str]]
+ENCODER_ARGUMENT_CHECKS: Registry[EncoderArgumentCheck] = Registry("encoder argument check")
+
 
 def load_encoder(kind: str, **kwargs: Any) -> Encoder:
     """Build an encoder with the loader registered as ``kind``."""

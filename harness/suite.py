@@ -296,7 +296,7 @@ def check_registered_names(suite: Suite) -> list[str]:
     It loads plugins first, so tasks and encoder loaders of installed plugins count as known.
     """
     from harness.adapters import ADAPTERS
-    from harness.encoders import ENCODER_LOADERS
+    from harness.encoders import ENCODER_ARGUMENT_CHECKS, ENCODER_LOADERS
     from harness.plugins import load_plugins
     from harness.runner import PRETRAINERS
     from harness.tasks import TASKS
@@ -309,6 +309,9 @@ def check_registered_names(suite: Suite) -> list[str]:
     for model in suite.models.values():
         if model.kind not in ENCODER_LOADERS:
             problems.append(f"{suite.path}: models.{model.name}.kind: unknown encoder loader {model.kind!r}; registered: {ENCODER_LOADERS.names()}")
+        elif model.kind in ENCODER_ARGUMENT_CHECKS:
+            for message in ENCODER_ARGUMENT_CHECKS.get(model.kind)(**model.args):
+                problems.append(f"{suite.path}: models.{model.name}: {message}")
     for dataset in suite.datasets.values():
         if dataset.source == "adapter" and dataset.args["adapter"] not in ADAPTERS:
             problems.append(f"{suite.path}: datasets.{dataset.name}.adapter: unknown adapter {dataset.args['adapter']!r}; registered: {ADAPTERS.names()}")

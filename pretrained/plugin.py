@@ -5,7 +5,7 @@
 Heavy imports happen inside the loaders, so registration stays cheap.
 """
 
-from harness.encoders import ENCODER_LOADERS
+from harness.encoders import ENCODER_ARGUMENT_CHECKS, ENCODER_LOADERS
 
 
 def _load_brat(**kwargs):
@@ -20,9 +20,19 @@ def _load_brat_random(**kwargs):
     return load_brat_random(**kwargs)
 
 
+def _check_brat_random(config: str = "brat-tiny", **_ignored) -> list[str]:
+    from pretrained.config import list_configs
+
+    if config not in list_configs():
+        return [f"config: unknown brat config {config!r}; available: {', '.join(list_configs())}"]
+    return []
+
+
 for _name, _loader in (("brat", _load_brat), ("brat-random", _load_brat_random)):
     if _name not in ENCODER_LOADERS:
         ENCODER_LOADERS.register(_name, _loader)
+if "brat-random" not in ENCODER_ARGUMENT_CHECKS:
+    ENCODER_ARGUMENT_CHECKS.register("brat-random", _check_brat_random)
 
 
 def _pretrain_brat(config, out_dir):

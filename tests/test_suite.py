@@ -194,3 +194,11 @@ def test_validate_checks_manifest_splits(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "datasets.tiny" in out
     assert "subject000" in out
+
+
+def test_unknown_model_config_checked(tmp_path):
+    content = copy.deepcopy(VALID)
+    content["models"]["random"] = {"kind": "brat-random", "config": "brat-huge", "seed": 0}
+    problems = check_registered_names(load_suite(write_suite(tmp_path, content)))
+
+    assert any("models.random: config: unknown brat config 'brat-huge'" in p for p in problems)
