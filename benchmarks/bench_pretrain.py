@@ -2,16 +2,19 @@
 
 Usage:
     python benchmarks/bench_pretrain.py [--cohort DIR] [--n 600] [--objectives pva,pva-no-qd,clip]
-        [--epochs E] [--batch-size B] [--lr LR] [--out DIR] [--figures benchmarks/figures]
+        [--epochs E] [--batch-size B] [--lr LR] [--dpp-weight W] [--seed S] [--out DIR] [--figures DIR] [--resume]
 
 Steps, each timed: generate the T1c-only cohort (skipped when ``DIR/manifest.csv``
 exists), preprocess it with the ``brat-tiny`` spec (studies already done are skipped),
 then for each objective pretrain from ``configs/pretrain-brat-tiny.yaml`` (``clip``:
 ``configs/pretrain-clip-tiny.yaml``) and evaluate the last checkpoint (and, for
-comparison, ``best/``) on the ``test`` split: image-to-report (i2t) and report-to-image (t2i) recall@k with the model's scorer,
-chance R@5 = 5 / N_test, and the mean cosine between different views of a study. The
-``pva`` run also writes two figures: attention maps of four views over one study, and an
-MDS map of the test-split view embeddings (``pva-no-qd`` gets an MDS map as well).
+comparison, ``best/``) on the ``test`` split: image-to-report (i2t) and report-to-image
+(t2i) recall@k with the model's scorer, chance R@5 = 5 / N_test, top-5 hubness (how many
+images have the most retrieved report in their top 5, and the share of reports in no
+top-5 list) and the mean cosine between different views of a study. The ``pva`` run
+also writes two figures: attention maps of four views over one study, and an MDS map of
+the test-split view embeddings (``pva-no-qd`` gets an MDS map as well). With
+``--resume``, a finished run in ``--out`` is evaluated again without training.
 
 Prints one summary line per objective and writes ``OUT/bench_pretrain.json``. The load
 average is printed, because other processes on the machine slow the run.
@@ -40,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     parser.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
+    parser.add_argument("--dpp-weight", type=float, default=None, help="override the DPP weight of the pva objective")
+    parser.add_argument("--seed", type=int, default=None, help="override the config's seed (initialisation and batch order)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-pretrain", help="run folders and results JSON")
     parser.add_argument("--figures", type=Path, default=REPO / "benchmarks" / "figures", help="PNG output folder")
     parser.add_argument("--resume", action="store_true", help="resume runs left in --out instead of failing")
@@ -71,7 +76,28 @@ def run_config(args: argparse.Namespace, objective: str, manifest: Path):
         data["batch_size"] = args.batch_size
     if args.lr is not None:
         data.setdefault("optimizer", {})["lr"] = args.lr
+    if args.seed is not None:
+        data["seed"] = args.seed
+    if args.dpp_weight is not None and objective == "pva":
+        data["dpp_weight"] = args.dpp_weight
     return parse_pretrain_config(data, source=str(path), base_dir=path.parent)
+
+
+def hubness(embeddings: dict, scorer: str, k: int = 5) -> dict:
+    """Measure how unevenly reports appear in the images' top-k lists (the k-occurrence N_k of each report).
+
+    A hub is a report that is among the top k for many images; with no hubs every report
+    appears about k times. Returns the largest k-occurrence and the fraction of reports
+    that appear in no top-k list.
+    """
+    import torch
+
+    from harness.scoring import SCORERS
+
+    scores = SCORERS.get(scorer)(embeddings["views"], embeddings["sentences"], embeddings["sentence_mask"])
+    top = scores.topk(k, dim=1).indices.flatten()
+    occurrence = torch.bincount(top, minlength=scores.shape[1])
+    return {f"hubness/max_N{k}": int(occurrence.max()), f"hubness/never_in_top{k}": float((occurrence == 0).float().mean())}
 
 
 def evaluate(config, checkpoint: Path, figures: Path | None) -> dict:
@@ -88,6 +114,7 @@ def evaluate(config, checkpoint: Path, figures: Path | None) -> dict:
     values = retrieval_values(embeddings, model.config.scorer)
     result = {"n_test": len(dataset), "chance_R@5": 5 / len(dataset), **{f"test/{k}": v for k, v in values.items()}}
     result["R@5_over_chance"] = result["test/i2t/R@5"] / result["chance_R@5"]
+    result.update(hubness(embeddings, model.config.scorer))
     if embeddings["views"].shape[1] > 1:
         result["view_cosine"] = mean_view_cosine(embeddings["views"])
     if figures is not None and embeddings["views"].shape[1] > 1:
@@ -138,7 +165,9 @@ def main() -> None:
             f"{objective}: train {train_seconds / 60:.1f} min ({config.epochs} epochs, batch {config.batch_size}); "
             f"test N={result['n_test']}: i2t R@1 {result['test/i2t/R@1']:.3f} R@5 {result['test/i2t/R@5']:.3f} "
             f"({result['R@5_over_chance']:.1f}x chance {result['chance_R@5']:.3f}), t2i R@5 {result['test/t2i/R@5']:.3f}"
-            f"{cosine}; best/ (by val R@5): i2t R@5 {best['test/i2t/R@5']:.3f}",
+            f"{cosine}; top-5 hubness: largest N5 {result['hubness/max_N5']}, "
+            f"{result['hubness/never_in_top5']:.0%} of reports in no top-5 list; "
+            f"best/ (by val R@5): i2t R@5 {best['test/i2t/R@5']:.3f}",
             flush=True,
         )
     results["load_average"] = {"before": load_before, "after": os.getloadavg()[0]}

@@ -67,7 +67,7 @@ def test_adaptation_plan(saved):
     assert plan["in_channels"] == 1
     assert plan["recommended_patch_size"] == [64, 64, 64]
     assert plan["feature_strides"] == [[2, 2, 2], [4, 4, 4], [8, 8, 8], [16, 16, 16]]
-    assert plan["feature_channels"] == [32, 64, 64, 64]
+    assert plan["feature_channels"] == [32, 64, 96, 112]
 
 
 def test_round_trip_identical_outputs(tiny_model, saved, images):
@@ -182,7 +182,7 @@ def test_brat_encoder_loader(saved, images):
     assert encoder.digest == model_digest(saved)
     assert (encoder.name, encoder.preprocessing, encoder.scorer) == ("brat-tiny", "brat-tiny", "pva")
     output = encoder.encode_images(images)
-    assert output.views.shape == (2, 8, 64)
+    assert output.views.shape == (2, 16, 64)
     assert output.views.device.type == "cpu"
     reports = encoder.encode_reports(["No edema. Mass.", "Normal."])
     assert [r.shape for r in reports] == [(2, 64), (1, 64)]

@@ -91,12 +91,12 @@ def test_too_many_queries_rejected(tiny_config):
 def test_tiny_forward_shapes(tiny_model, images):
     with torch.no_grad():
         output = tiny_model(images, REPORTS)
-    assert output["views"].shape == (2, 8, 64)
+    assert output["views"].shape == (2, 16, 64)
     assert output["pooled"].shape == (2, 64)
-    assert output["attention"].shape == (2, 8, 64)
+    assert output["attention"].shape == (2, 16, 64)
     assert output["sentences"].shape == (2, 3, 64)
     assert output["sentence_mask"].tolist() == [[True, True, True], [True, False, False]]
-    torch.testing.assert_close(output["views"].norm(dim=-1), torch.ones(2, 8))
+    torch.testing.assert_close(output["views"].norm(dim=-1), torch.ones(2, 16))
     torch.testing.assert_close(output["pooled"].norm(dim=-1), torch.ones(2))
     mask = output["sentence_mask"]
     torch.testing.assert_close(output["sentences"].norm(dim=-1)[mask], torch.ones(4))
@@ -106,9 +106,9 @@ def test_tiny_forward_shapes(tiny_model, images):
 def test_attention_rows_sum_to_one(tiny_model, images):
     with torch.no_grad():
         embeddings = tiny_model.encode_image(images)
-    assert embeddings.tokens.shape == (2, 64, 64)
+    assert embeddings.tokens.shape == (2, 64, 112)
     assert torch.all(embeddings.attention >= 0)
-    torch.testing.assert_close(embeddings.attention.sum(dim=-1), torch.ones(2, 8))
+    torch.testing.assert_close(embeddings.attention.sum(dim=-1), torch.ones(2, 16))
 
 
 def test_attention_rows_sum_to_one_in_training(tiny_model, images):
@@ -117,7 +117,7 @@ def test_attention_rows_sum_to_one_in_training(tiny_model, images):
         embeddings = tiny_model.encode_image(images[:1])
     finally:
         tiny_model.eval()
-    torch.testing.assert_close(embeddings.attention.sum(dim=-1), torch.ones(1, 8))
+    torch.testing.assert_close(embeddings.attention.sum(dim=-1), torch.ones(1, 16))
 
 
 def test_presplit_sentences_match_text(tiny_model):
@@ -175,7 +175,14 @@ def test_qformer_text_tokenizer_larger_than_vocab():
 def test_densenet121_token_shape():
     assert token_shape("densenet121", 1, (32, 256, 256)) == (64, 1024)
     assert token_shape("densenet169", 4, (32, 256, 256)) == (64, 1664)
-    assert token_shape("densenet-tiny", 1, (32, 128, 128)) == (64, 64)
+    assert token_shape("densenet-tiny", 1, (32, 128, 128)) == (64, 112)
+
+
+def test_densenet_tiny_has_small_stem():
+    backbone = build_backbone("densenet-tiny", 1, (32, 128, 128))
+    stem = backbone.densenet.features.conv0
+    assert (stem.kernel_size, stem.stride, stem.padding) == ((3, 3, 3), (2, 2, 2), (1, 1, 1))
+    assert build_backbone("densenet121", 1, (32, 256, 256)).densenet.features.conv0.kernel_size == (7, 7, 7)
 
 
 @pytest.mark.slow

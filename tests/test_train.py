@@ -80,6 +80,14 @@ def test_config_missing_manifest(workspace, tmp_path):
         parse_pretrain_config(data, source="run.yaml")
 
 
+
+def test_absent_manifest_file_leaves_no_output(workspace, tmp_path):
+    data = base_config(workspace["manifest"], tmp_path / "out", workspace["cache"], workspace["text"])
+    config = parse_pretrain_config(dict(data, manifest=str(tmp_path / "missing.csv")), source="test.yaml")
+    with pytest.raises(FileNotFoundError, match=r"test\.yaml: manifest .*missing\.csv does not exist"):
+        train(config)
+    assert not (tmp_path / "out").exists()
+
 def test_config_file_paths_relative_to_file(workspace, tmp_path):
     data = base_config(workspace["manifest"], "runs/a", workspace["cache"], workspace["text"])
     path = tmp_path / "configs" / "run.yaml"
