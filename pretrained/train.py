@@ -401,8 +401,8 @@ class Trainer:
             min_temperature=config.temperature_min, max_temperature=config.temperature_max,
         )  # fmt: skip
         if context.device.type == "cpu":
-            # oneDNN's 3D convolutions run 1.35 to 1.6 times faster in channels-last layout (see
-            # benchmarks/RESULTS.md); PretrainingModule.embed converts the images to match.
+            # oneDNN's 3D convolutions run faster in channels-last layout (1.6 times for a
+            # densenet-tiny step, benchmarks/bench_backbone.py). embed() converts the images to match.
             model.visual_encoder.to(memory_format=torch.channels_last_3d)
         self.module = PretrainingModule(model, criterion, self.autocast_dtype).to(context.device)
         self.parallel = self._wrap(self.module)
