@@ -14,7 +14,8 @@ images have the most retrieved report in their top 5, and the share of reports i
 top-5 list) and the mean cosine between different views of a study. The ``pva`` run
 also writes two figures: attention maps of four views over one study, and an MDS map of
 the test-split view embeddings (``pva-no-qd`` gets an MDS map as well). With
-``--resume``, a finished run in ``--out`` is evaluated again without training.
+``--resume``, a finished run in ``--out`` is evaluated again without training, and the
+printed training time is then only that of loading the run.
 
 Prints one summary line per objective and writes ``OUT/bench_pretrain.json``. The load
 average is printed, because other processes on the machine slow the run.
@@ -86,7 +87,7 @@ def run_config(args: argparse.Namespace, objective: str, manifest: Path):
 def hubness(embeddings: dict, scorer: str, k: int = 5) -> dict:
     """Measure how unevenly reports appear in the images' top-k lists (the k-occurrence N_k of each report).
 
-    A hub is a report that is among the top k for many images; with no hubs every report
+    A hub is a report that is among the top k for many images. With no hubs every report
     appears about k times. Returns the largest k-occurrence and the fraction of reports
     that appear in no top-k list.
     """
